@@ -33,15 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    top, rest = parser.parse_known_args(argv[:1] if argv and argv[0] in COMMANDS else argv)
+    at = next((i for i, a in enumerate(argv) if a in COMMANDS), len(argv))
+    top = parser.parse_args(argv[: at + 1])
     if top.command is None:
         parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return 0
+    logging.basicConfig(level=logging.DEBUG if top.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(COMMANDS[top.command][0])
     sub = argparse.ArgumentParser(prog=f"riemann-diffusion {top.command}", description=COMMANDS[top.command][1])
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    args = sub.parse_args(argv[at + 1 :])
     return int(module.run(args) or 0)
 
 
