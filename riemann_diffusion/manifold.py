@@ -32,6 +32,7 @@ __all__ = [
     "retract",
     "orthogonalize",
     "truncated_svd_factors",
+    "polish_orthonormal",
     "tangent_inner",
 ]
 
@@ -97,12 +98,14 @@ def transport(
     """Vector transport by re-projection (DESIGN.md §4).
 
     xi lives at the old point (A_L_old: (..., m, r), B_R_old: (..., n, r)); it is
-    written as the rank-2r matrix ``[A_dot, A_L_old] @ [B_R_old, B_dot].mT`` and
-    projected onto the tangent space at the new point (A_L, B_R).
+    the rank-2r matrix ``Z = A_dot B_R_oldᵀ + A_L_old B_dotᵀ``, projected onto the
+    tangent space at the new point (A_L, B_R) with r×r products only:
+    ``Z B_R = A_dot (B_R_oldᵀ B_R) + A_L_old (B_dotᵀ B_R)``,
+    ``Zᵀ A_L = B_R_old (A_dotᵀ A_L) + B_dot (A_L_oldᵀ A_L)``.
     """
-    L = torch.cat([xi.A_dot, A_L_old], dim=-1)
-    R = torch.cat([B_R_old, xi.B_dot], dim=-1)
-    return project_factored(A_L, B_R, L, R)
+    ZB = xi.A_dot @ (B_R_old.mT @ B_R) + A_L_old @ (xi.B_dot.mT @ B_R)
+    ZtA = B_R_old @ (xi.A_dot.mT @ A_L) + xi.B_dot @ (A_L_old.mT @ A_L)
+    return project(A_L, B_R, ZB, ZtA)
 
 
 def truncated_svd_factors(L: Tensor, R: Tensor, rank: int | None = None):
@@ -121,6 +124,79 @@ def truncated_svd_factors(L: Tensor, R: Tensor, rank: int | None = None):
     return Q_L @ U_c[..., :q], S[..., :q], Q_R @ Vh_c[..., :q, :].mT
 
 
+def _extend_basis(Q: Tensor, Y: Tensor, passes: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """Split Y against an orthonormal Q: ``Y = Q C + Q_y T`` with ``Q_y ⊥ Q``.
+
+    Q: (..., m, r) orthonormal, Y: (..., m, k) -> (Q_y: (..., m, k), C: (..., r, k),
+    T: (..., k, k) upper triangular). Gram–Schmidt runs ``passes`` times (two are
+    enough when Y lies mostly in span(Q); one suffices when Y is already
+    projected, as A_dot is). Cost: one thin QR of an m×k block instead of an
+    m×(r+k) one.
+    """
+    C = torch.zeros(Y.shape[:-2] + (Q.shape[-1], Y.shape[-1]), dtype=Y.dtype, device=Y.device)
+    res = Y
+    for _ in range(passes):
+        Ci = Q.mT @ res
+        res = res - Q @ Ci
+        C = C + Ci
+    Q_y, T = torch.linalg.qr(res)
+    return Q_y, C, T
+
+
+def _svd_in_bases(
+    Q_L: tuple[Tensor, Tensor], K_L: Tensor, Q_R: tuple[Tensor, Tensor], K_R: Tensor, rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``(Q_L K_L)(Q_R K_R)ᵀ`` with orthonormal Q_L (..., m, p), Q_R (..., n, q).
+
+    Q_L and Q_R come as pairs of blocks (their concatenation is the basis).
+
+    K_L: (..., p, k), K_R: (..., q, k). Only the p×q core is decomposed.
+    Returns (U (..., m, t), S (..., t), V (..., n, t)), t = rank or min(p, q).
+    """
+    U_c, S, Vh_c = torch.linalg.svd(K_L @ K_R.mT, full_matrices=False)
+    t = S.shape[-1] if rank is None else min(rank, S.shape[-1])
+    return _apply_split(Q_L, U_c[..., :t]), S[..., :t], _apply_split(Q_R, Vh_c[..., :t, :].mT)
+
+
+def _apply_split(Qs: tuple[Tensor, Tensor], W: Tensor) -> Tensor:
+    """``[Q1, Q2] @ W`` without materializing the concatenation. W: (..., p1 + p2, t)."""
+    Q1, Q2 = Qs
+    p1 = Q1.shape[-1]
+    return Q1 @ W[..., :p1, :] + Q2 @ W[..., p1:, :]
+
+
+def _tangent_svd(
+    A_L: Tensor, B_R: Tensor, A_dot: Tensor, B_right: Tensor, rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``A_dot B_Rᵀ + A_L B_rightᵀ`` (rank ≤ 2r) from r-wide QRs only.
+
+    A_L: (..., m, r) and B_R: (..., n, r) orthonormal; A_dot: (..., m, r) (⊥ A_L up
+    to rounding); B_right: (..., n, r). With ``A_dot = A_L C_a + Q_a T_a`` and
+    ``B_right = B_R C_b + Q_b T_b``:
+
+        A_dot B_Rᵀ + A_L B_rightᵀ = [A_L, Q_a] [[C_a, I], [T_a, 0]] [[I, C_b], [0, T_b]]ᵀ [B_R, Q_b]ᵀ
+    """
+    r = A_L.shape[-1]
+    Q_a, C_a, T_a = _extend_basis(A_L, A_dot, passes=1)
+    Q_b, C_b, T_b = _extend_basis(B_R, B_right, passes=2)
+    eye = torch.eye(r, dtype=A_L.dtype, device=A_L.device).expand_as(C_a)
+    zero = torch.zeros_like(C_a)
+    K_L = torch.cat([torch.cat([C_a, eye], -1), torch.cat([T_a, zero], -1)], -2)  # (2r, 2r)
+    K_R = torch.cat([torch.cat([eye, C_b], -1), torch.cat([zero, T_b], -1)], -2)
+    return _svd_in_bases((A_L, Q_a), K_L, (B_R, Q_b), K_R, rank)
+
+
+def polish_orthonormal(Q: Tensor) -> Tensor:
+    """One Newton–Schulz step towards orthonormal columns: ``Q (3I − QᵀQ) / 2``.
+
+    Q: (..., m, r) with ‖QᵀQ − I‖ = e small -> error O(e²). Matmuls only; keeps
+    A_L orthonormal to rounding over thousands of steps.
+    """
+    r = Q.shape[-1]
+    eye = torch.eye(r, dtype=Q.dtype, device=Q.device)
+    return Q @ (1.5 * eye - 0.5 * (Q.mT @ Q))
+
+
 def retract(
     A_L: Tensor,
     B: Tensor,
@@ -128,41 +204,45 @@ def retract(
     direction: Tangent,
     step_size: float | Tensor,
     decay: float | Tensor = 1.0,
-) -> tuple[Tensor, Tensor]:
+    return_basis: bool = False,
+) -> tuple[Tensor, ...]:
     """Metric-projection retraction: ``SVD_r(decay·X − step_size·D)`` (DESIGN.md §5).
 
     A_L: (..., m, r), B: (..., n, r), B_R = orthonormal_basis(B), direction D at X.
-    ``decay·X − ηD = [−ηA_dot, A_L] @ [B_R, decay·B − ηB_dot].mT`` has rank ≤ 2r;
-    its rank-r truncated SVD comes from a QR of each 2r-wide factor and an SVD of
-    the 2r×2r core. Returns the new (A_L: (..., m, r), B: (..., n, r)) with
-    ``B = V diag(S)``. Both factors are re-orthonormalized from scratch, so
-    rounding drift in A_L does not accumulate over many steps.
+    ``decay·X − ηD = [−ηA_dot, A_L] @ [B_R, decay·B − ηB_dot].mT`` has rank ≤ 2r.
+    Since A_dot ⊥ A_L and B_R is orthonormal, only the parts of −ηA_dot and of
+    ``decay·B − ηB_dot`` outside span(A_L), span(B_R) need a thin QR (r columns
+    each); then an SVD of the 2r×2r core keeps the top r. Returns the new
+    (A_L: (..., m, r), B: (..., n, r)) with ``B = V diag(S)``; A_L gets one
+    Newton–Schulz polish so rounding drift does not accumulate over many steps.
+    With ``return_basis=True`` also returns V (..., n, r): the orthonormal basis of
+    the new B (equal, up to rounding, to ``orthonormal_basis(B)``, since
+    ``B = V diag(S)`` is already a QR with positive diagonal).
     """
     r = A_L.shape[-1]
     dtype = working_dtype(A_L, B)
     A_L, B, B_R = _up(A_L, dtype), _up(B, dtype), _up(B_R, dtype)
     A_dot, B_dot = _up(direction.A_dot, dtype), _up(direction.B_dot, dtype)
-    left = torch.cat([-step_size * A_dot, A_L], dim=-1)
-    right = torch.cat([B_R, decay * B - step_size * B_dot], dim=-1)
-    U, S, V = truncated_svd_factors(left, right, rank=r)
-    return U, V * S.unsqueeze(-2)
+    U, S, V = _tangent_svd(A_L, B_R, -step_size * A_dot, torch.add(decay * B, B_dot, alpha=-step_size), rank=r)
+    out = (polish_orthonormal(U), V * S.unsqueeze(-2))
+    return out + (V,) if return_basis else out
 
 
 def orthogonalize(xi: Tangent, A_L: Tensor, B_R: Tensor, rtol: float | None = None) -> Tangent:
     """Muon's orthogonalization of a tangent vector, projected back (DESIGN.md §6).
 
-    Writes xi as ``[A_dot, A_L] @ [B_R, B_dot].mT`` (rank ≤ 2r), replaces its
-    nonzero singular values by 1 (singular values below ``rtol·σ_max`` count as
-    zero; default rtol = 2r·eps of the working dtype ×10), and returns
-    ``P_X(Ortho(xi))`` as a tangent pair. Shapes as in :func:`transport`.
+    Writes xi as ``A_dot B_Rᵀ + A_L B_dotᵀ`` (rank ≤ 2r), replaces its nonzero
+    singular values by 1 (singular values below ``rtol·σ_max`` count as zero;
+    default rtol = 10·2r·eps of the working dtype), and returns ``P_X(Ortho(xi))``
+    as a tangent pair. Shapes as in :func:`transport`.
     """
-    L = torch.cat([xi.A_dot, A_L], dim=-1)
-    R = torch.cat([B_R, xi.B_dot], dim=-1)
-    U, S, V = truncated_svd_factors(L, R)
+    dtype = working_dtype(A_L, B_R, xi.A_dot, xi.B_dot)
+    A_L, B_R = _up(A_L, dtype), _up(B_R, dtype)
+    U, S, V = _tangent_svd(A_L, B_R, _up(xi.A_dot, dtype), _up(xi.B_dot, dtype))
     if rtol is None:
-        rtol = 10 * L.shape[-1] * torch.finfo(S.dtype).eps
-    keep = (S > rtol * S[..., :1]).to(S.dtype)  # (..., q)
-    return project_factored(_up(A_L, S.dtype), _up(B_R, S.dtype), U * keep.unsqueeze(-2), V)
+        rtol = 10 * 2 * A_L.shape[-1] * torch.finfo(dtype).eps
+    keep = (S > rtol * S[..., :1]).to(dtype)  # (..., q)
+    return project_factored(A_L, B_R, U * keep.unsqueeze(-2), V)
 
 
 def tangent_inner(a: Tangent, b: Tangent) -> Tensor:

@@ -61,17 +61,17 @@ def riemannion_update(
         g = Tangent(-g.A_dot, -g.B_dot)
     mom = Tangent(mom_A.to(dtype), mom_B.to(dtype))
     if rule == "heavy_ball":
-        M = Tangent(momentum * mom.A_dot + (1 - momentum) * g.A_dot, momentum * mom.B_dot + (1 - momentum) * g.B_dot)
+        M = Tangent(torch.lerp(g.A_dot, mom.A_dot, momentum), torch.lerp(g.B_dot, mom.B_dot, momentum))
         D = M
     elif rule == "muon":
-        M = Tangent(momentum * mom.A_dot + g.A_dot, momentum * mom.B_dot + g.B_dot)
+        M = Tangent(torch.add(g.A_dot, mom.A_dot, alpha=momentum), torch.add(g.B_dot, mom.B_dot, alpha=momentum))
         D = orthogonalize(M, A_L, B_R, rtol=ortho_rtol)
     else:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
-    A_new, B_new = retract(A_L, B, B_R, D, lr, decay=1.0 - lr * weight_decay)
+    A_new, B_new, B_R_new = retract(A_L, B, B_R, D, lr, decay=1.0 - lr * weight_decay, return_basis=True)
     if momentum == 0:
         return A_new, B_new, torch.zeros_like(mom.A_dot), torch.zeros_like(mom.B_dot)
-    M_new = transport(A_L, B_R, M, A_new, orthonormal_basis(B_new))
+    M_new = transport(A_L, B_R, M, A_new, B_R_new)
     return A_new, B_new, M_new.A_dot, M_new.B_dot
 
 

@@ -86,6 +86,19 @@ def test_retraction_matches_pymanopt_and_dense_svd(m, n, r, seed):
     assert (A_new.T @ A_new - torch.eye(r, dtype=torch.float64)).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("m,n", [(6, 9), (9, 6)])
+def test_retraction_at_full_rank(m, n):
+    """r = min(m, n): one factor's complement is empty; still the metric projection."""
+    r = min(m, n)
+    A_L, B = rand_point(m, n, r, 6)
+    B_R = orthonormal_basis(B)
+    Z = torch.randn(m, n, dtype=torch.float64)
+    xi = _ours_tangent_of_dense(A_L, B_R, Z)
+    A_new, B_new = retract(A_L, B, B_R, xi, 0.1)
+    torch.testing.assert_close(A_new @ B_new.T, A_L @ B.T - 0.1 * tangent_to_dense(A_L, B_R, *xi), **TOL64)
+    assert (A_new.T @ A_new - torch.eye(r, dtype=torch.float64)).abs().max() < 1e-12
+
+
 def test_retraction_is_descent_not_ascent():
     """The seed's printed [ηȦ, A_L] is ascent: moving along −grad must lower <G, X>."""
     m, n, r = 15, 10, 3
