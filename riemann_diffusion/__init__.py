@@ -21,6 +21,7 @@ from .injection import (
 )
 from .layer import RiemannLinear
 from .optimizer import Riemannion, riemannion_update
+from . import loi, presets  # noqa: F401,E402  (register INITIALIZERS["loi"] and PRESETS)
 
 __version__ = "0.1.0"
 

@@ -30,8 +30,8 @@ __all__ = [
     "match_targets",
 ]
 
-#: name -> list of suffixes; filled by :mod:`riemann_diffusion.presets`.
-PRESETS: dict[str, list[str]] = {}
+#: name -> suffix list, full-match regex or callable(model); filled by :mod:`riemann_diffusion.presets`.
+PRESETS: dict = {}  # name -> list of names, a regex string, or a callable(model)
 
 
 def _name_matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -46,7 +46,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def _resolve_targets(model: nn.Module, targets) -> str | list[str]:
     if isinstance(targets, str) and targets in PRESETS:
-        return PRESETS[targets]
+        preset = PRESETS[targets]
+        return preset(model) if callable(preset) else preset  # callable: model-dependent ("auto")
     if callable(targets) and not isinstance(targets, str):
         return targets(model)
     if isinstance(targets, str):
