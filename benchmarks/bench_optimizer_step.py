@@ -110,8 +110,8 @@ def time_rank(shapes, rank: int, device, warmup: int, reps: int, max_seconds: fl
 # calls in record_function scopes so the profile reports time per maths step.
 # Names missing from the installed library are skipped (the maths may be refactored).
 PROFILED_FUNCTIONS = {
-    "riemann_diffusion.optimizer": ["orthonormal_basis", "project", "orthogonalize", "retract", "transport"],
-    "riemann_diffusion.manifold": ["orthonormal_basis", "project", "project_factored", "truncated_svd_factors",
+    "riemann_diffusion.optimizer": ["tangent_gradient", "orthogonalize", "retract", "transport"],
+    "riemann_diffusion.manifold": ["thin_qr", "project", "project_factored", "truncated_svd_factors",
                                    "_tangent_svd", "_extend_basis", "_svd_in_bases", "_apply_split",
                                    "polish_orthonormal"],
 }

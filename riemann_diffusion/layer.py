@@ -5,16 +5,18 @@ point and ``X0 = A0 B0ᵀ`` the frozen start (DESIGN.md §1, §3, §7). The base
 never modified (unless merged), so at step 0 the output equals the base model's.
 
 Trainable parameters are the point itself: ``lora_A`` (A_L, m×r, orthonormal
-columns) and ``lora_B`` (B, n×r). During training the forward pass is arranged so
-that a single backward pass leaves
+columns) and ``lora_B`` (B, n×r). The forward is a plain rank-2r LoRA
+``x [B, B0] [A_L, −A0]ᵀ``, so one backward pass leaves
 
-    lora_A.grad = G @ B_R        lora_B.grad = Gᵀ @ A_L
+    lora_A.grad = G @ B          lora_B.grad = Gᵀ @ A_L
 
-where G = ∂L/∂W and ``B_R = orthonormal_basis(B)``: exactly the two products the
-tangent projection needs (DESIGN.md §3), with the cost of a rank-3r LoRA
-(rank 2r for X's gradient, rank r for the frozen X0). The A_L slot uses a zero
-valued probe ``A_L − A_L.detach()``; Riemannion (optimizer.py) turns these into
-the Riemannian gradient.
+with G = ∂L/∂W and no m×n gradient ever formed. Riemannion (optimizer.py) gets the
+``G B_R`` of DESIGN.md §3 as ``(G B) R⁻¹`` from the thin QR ``B = B_R R``
+(manifold.tangent_gradient). The layer keeps B with orthogonal columns
+(``B = V diag(S)``, the form every retraction returns, and the form
+:meth:`set_start`/:meth:`set_point` put any factor pair into), so R is diagonal
+up to rounding and the solve is a well-conditioned column scaling. This costs the
+same as a rank-2r LoRA and needs no probe parameter or per-forward QR.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .manifold import orthonormal_basis
 
 __all__ = ["RiemannLinear", "validate_rank"]
 
@@ -83,7 +84,6 @@ class RiemannLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(n, rank, dtype=self.adapter_dtype, device=device))
         self.register_buffer("lora_A0", torch.empty(m, rank, dtype=self.adapter_dtype, device=device))
         self.register_buffer("lora_B0", torch.empty(n, rank, dtype=self.adapter_dtype, device=device))
-        self._basis_cache: tuple | None = None
         self._merged_backup: Tensor | None = None
         self.reset_random(init_scale, generator)
 
@@ -109,11 +109,10 @@ class RiemannLinear(nn.Module):
         B = B * (target / float(B.norm()))
         self.set_start(A_L, B)
 
-    @torch.no_grad()
-    def set_start(self, A_L: Tensor, B: Tensor):
-        """Set both the point X and the frozen start X0 to ``A_L Bᵀ``.
+    def _canonical(self, A_L: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """Same X = A_L Bᵀ with orthonormal A_L and B = V diag(S) (orthogonal columns).
 
-        A_L: (m, r) with orthonormal columns; B: (n, r) of full column rank.
+        A_L: (m, r) with orthonormal columns, B: (n, r) of full column rank.
         """
         m, n, r = self.out_features, self.in_features, self.rank
         if tuple(A_L.shape) != (m, r) or tuple(B.shape) != (n, r):
@@ -121,13 +120,25 @@ class RiemannLinear(nn.Module):
                 f"factors must be A_L ({m}, {r}) and B ({n}, {r}); "
                 f"got {tuple(A_L.shape)} and {tuple(B.shape)}"
             )
+        Q, T = torch.linalg.qr(A_L.detach().double())  # A_L = Q T, so X = Q (B Tᵀ)ᵀ
+        V, S, Wh = torch.linalg.svd(B.detach().double() @ T.T, full_matrices=False)
+        return Q @ Wh.T, V * S  # X = (Q W) (V S)ᵀ
+
+    @torch.no_grad()
+    def set_start(self, A_L: Tensor, B: Tensor):
+        """Set both the point X and the frozen start X0 to ``A_L Bᵀ``.
+
+        A_L: (m, r) with orthonormal columns; B: (n, r) of full column rank. The
+        factors are stored in the canonical form of :meth:`_canonical`.
+        """
+        A_L, B = self._canonical(A_L, B)
         for dst, src in ((self.lora_A, A_L), (self.lora_A0, A_L), (self.lora_B, B), (self.lora_B0, B)):
             dst.copy_(src.to(dst.dtype))
-        self._basis_cache = None
 
     @torch.no_grad()
     def set_point(self, A_L: Tensor, B: Tensor):
-        """Move X to ``A_L Bᵀ`` keeping X0 (for loading a checkpoint)."""
+        """Move X to ``A_L Bᵀ`` keeping X0 (canonical form as in :meth:`set_start`)."""
+        A_L, B = self._canonical(A_L, B)
         self.lora_A.copy_(A_L.to(self.lora_A.dtype))
         self.lora_B.copy_(B.to(self.lora_B.dtype))
 
@@ -139,14 +150,6 @@ class RiemannLinear(nn.Module):
     def start_factors(self) -> tuple[Tensor, Tensor]:
         """(A0: (m, r), B0: (n, r)) of the frozen start X0."""
         return self.lora_A0, self.lora_B0
-
-    def basis(self) -> Tensor:
-        """B_R = orthonormal_basis(B), (n, r); cached until B changes."""
-        B = self.lora_B
-        key = (B._version, B.data_ptr(), B.device, B.dtype)
-        if self._basis_cache is None or self._basis_cache[0] != key:
-            self._basis_cache = (key, orthonormal_basis(B.detach()).to(B.dtype))
-        return self._basis_cache[1]
 
     def delta_factors(self) -> tuple[Tensor, Tensor]:
         """Factors (up: (m, 2r), down: (n, 2r)) with ``up @ down.T = X − X0``."""
@@ -164,17 +167,10 @@ class RiemannLinear(nn.Module):
         if self.merged or self.scale == 0:
             return out
         dt = x.dtype if x.dtype.is_floating_point else self.adapter_dtype
-        A_L, B = self.lora_A, self.lora_B
-        if torch.is_grad_enabled() and (A_L.requires_grad or B.requires_grad):
-            # [B_R | B | B0] and [A_L − sg(A_L) | sg(A_L) | −A0]: value X − X0,
-            # gradients G B_R into lora_A and Gᵀ A_L into lora_B (DESIGN.md §3).
-            A_sg = A_L.detach()
-            down = torch.cat([self.basis(), B, self.lora_B0], -1)
-            up = torch.cat([A_L - A_sg, A_sg, -self.lora_A0], -1)
-        else:
-            down = torch.cat([B, self.lora_B0], -1)
-            up = torch.cat([A_L, -self.lora_A0], -1)
-        delta = (x.to(dt) @ down.to(dt)) @ up.to(dt).T
+        # x [B, B0] [A_L, −A0]ᵀ = x (X − X0)ᵀ; gradients G B into lora_A, Gᵀ A_L into lora_B.
+        down = torch.cat([self.lora_B, self.lora_B0], -1).to(dt)
+        up = torch.cat([self.lora_A, -self.lora_A0], -1).to(dt)
+        delta = (x.to(dt) @ down) @ up.T
         if self.scale != 1:
             delta = delta * self.scale
         return out + delta.to(out.dtype)

@@ -25,7 +25,9 @@ from torch import Tensor
 __all__ = [
     "Tangent",
     "working_dtype",
+    "thin_qr",
     "orthonormal_basis",
+    "tangent_gradient",
     "project",
     "project_factored",
     "transport",
@@ -53,19 +55,38 @@ def _up(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def orthonormal_basis(B: Tensor) -> Tensor:
-    """Canonical orthonormal basis of the column space of ``B``.
+def thin_qr(B: Tensor) -> tuple[Tensor, Tensor]:
+    """Canonical thin QR ``B = B_R R`` (R upper triangular, non-negative diagonal).
 
-    B: (..., n, r) of full column rank -> B_R: (..., n, r) with ``B_R.mT @ B_R = I``
-    and ``B = B_R @ R`` for an upper triangular R with a non-negative diagonal.
-    The sign convention makes B_R unique, so the adapter layer and the optimizer
-    compute the same basis independently (batched or not).
+    B: (..., n, r) of full column rank -> (B_R: (..., n, r), R: (..., r, r)), in
+    the working precision. The sign convention makes the factors unique.
     """
     dtype = working_dtype(B)
     Q, R = torch.linalg.qr(_up(B, dtype))
     signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return Q * signs.unsqueeze(-2)
+    return Q * signs.unsqueeze(-2), R * signs.unsqueeze(-1)
+
+
+def orthonormal_basis(B: Tensor) -> Tensor:
+    """B_R of :func:`thin_qr`: the canonical orthonormal basis of span(B), (..., n, r)."""
+    return thin_qr(B)[0]
+
+
+def tangent_gradient(A_L: Tensor, B: Tensor, GB: Tensor, GtA_L: Tensor) -> tuple[Tangent, Tensor]:
+    """Riemannian gradient from the plain LoRA gradients of one backward pass.
+
+    A_L: (..., m, r), B: (..., n, r) the point; GB = G @ B: (..., m, r) and
+    GtA_L = Gᵀ @ A_L: (..., n, r), which autograd leaves in ``lora_A.grad`` and
+    ``lora_B.grad`` for the forward ``x (A_L Bᵀ)ᵀ``. With ``B = B_R R`` (thin QR),
+    ``G B_R = (G B) R⁻¹`` (a triangular solve; R is diagonal up to rounding when B
+    has orthogonal columns, as every retraction leaves it, so the solve is a
+    well-conditioned column scaling). Returns (P_X(G) as a Tangent, B_R).
+    """
+    B_R, R = thin_qr(B)
+    dtype = B_R.dtype
+    GB_R = torch.linalg.solve_triangular(R, _up(GB, dtype), upper=True, left=False)
+    return project(_up(A_L, dtype), B_R, GB_R, _up(GtA_L, dtype)), B_R
 
 
 def project_factored(A_L: Tensor, B_R: Tensor, L: Tensor, R: Tensor) -> Tangent:

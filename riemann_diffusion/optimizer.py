@@ -1,10 +1,10 @@
 """Riemannion: Riemannian momentum on the manifold of fixed-rank matrices.
 
 A ``torch.optim.Optimizer`` over the (A_L, B) pairs that ``adapter_parameters(model)``
-returns. After ``loss.backward()`` each pair holds ``A.grad = G B_R`` and
+returns. After ``loss.backward()`` each pair holds ``A.grad = G B`` and
 ``B.grad = Gᵀ A_L`` (see layer.py); one step
 
-1. projects them to the Riemannian gradient (DESIGN.md §2),
+1. turns them into the Riemannian gradient (``G B_R = (G B) R⁻¹``, DESIGN.md §2-3),
 2. blends it with the momentum buffer (already transported to this point),
 3. retracts ``(1 − ηγ)X − ηD`` by a rank-r truncated SVD from thin factors (§5),
 4. transports the buffer to the new point (§4).
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .manifold import Tangent, orthogonalize, orthonormal_basis, project, retract, transport, working_dtype
+from .manifold import Tangent, orthogonalize, retract, tangent_gradient, transport, working_dtype
 
 __all__ = ["Riemannion", "riemannion_update", "RULES"]
 
@@ -47,16 +47,15 @@ def riemannion_update(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One Riemannion step on a point or a batch of same-shape points.
 
-    A_L: (..., m, r) orthonormal, B: (..., n, r); grad_A = G B_R: (..., m, r) and
-    grad_B = Gᵀ A_L: (..., n, r) with B_R = orthonormal_basis(B); mom_A, mom_B: the
+    A_L: (..., m, r) orthonormal, B: (..., n, r); grad_A = G B: (..., m, r) and
+    grad_B = Gᵀ A_L: (..., n, r), the plain LoRA gradients; mom_A, mom_B: the
     momentum tangent pair at this point. Returns (A_L', B', mom_A', mom_B') in the
     working precision (float32, or float64 for float64 input), the momentum
     transported to the new point.
     """
     dtype = working_dtype(A_L, B)
     A_L, B = A_L.to(dtype), B.to(dtype)
-    B_R = orthonormal_basis(B)
-    g = project(A_L, B_R, grad_A.to(dtype), grad_B.to(dtype))
+    g, B_R = tangent_gradient(A_L, B, grad_A, grad_B)
     if maximize:
         g = Tangent(-g.A_dot, -g.B_dot)
     mom = Tangent(mom_A.to(dtype), mom_B.to(dtype))
