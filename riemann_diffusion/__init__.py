@@ -29,6 +29,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "save_adapter": "riemann_diffusion.export",
     "load_adapter": "riemann_diffusion.export",
+    "resize_adapter": "riemann_diffusion.export",
+    "blend_adapters": "riemann_diffusion.export",
+    "train": "riemann_diffusion.training",
+    "TrainConfig": "riemann_diffusion.training",
 }
 
 __all__ = [
