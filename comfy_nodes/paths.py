@@ -62,22 +62,20 @@ def resolve_file(name: str, folders: Sequence[str | os.PathLike], extensions: It
     if exts and not rel.lower().endswith(exts):
         raise NodeInputError(f"{what} {name!r} is not one of {', '.join(exts)}; the Riemann nodes read "
                              "safetensors only (use ComfyUI's own LoraLoader for other formats)")
-    for folder in folders:
-        root = Path(folder)
-        path = root / rel
-        if _inside(path, root) and path.is_file():
-            return path
-    searched = ", ".join(str(f) for f in folders) or "(no folders configured)"
-    raise NodeInputError(f"{what} {name!r} was not found in {searched}")
+    return _first_inside(name, rel, folders, what, Path.is_file)
 
 
 def resolve_dir(name: str, folders: Sequence[str | os.PathLike], what: str = "folder") -> Path:
     """The existing directory ``name`` inside one of ``folders`` (same rules as files)."""
-    rel = clean_relative_name(name, what)
+    return _first_inside(name, clean_relative_name(name, what), folders, what, Path.is_dir)
+
+
+def _first_inside(name: str, rel: str, folders, what: str, exists) -> Path:
+    """``folder/rel`` for the first folder where it stays inside and ``exists(path)``."""
     for folder in folders:
         root = Path(folder)
         path = root / rel
-        if _inside(path, root) and path.is_dir():
+        if _inside(path, root) and exists(path):
             return path
     searched = ", ".join(str(f) for f in folders) or "(no folders configured)"
     raise NodeInputError(f"{what} {name!r} was not found in {searched}")
