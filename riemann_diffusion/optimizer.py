@@ -143,6 +143,12 @@ class Riemannion(Optimizer):
                 f"parameters {i} and {i + 1} are not an (A_L: m×r, B: n×r) pair: shapes "
                 f"{tuple(A.shape)} and {tuple(B.shape)}; pass adapter_parameters(model)"
             )
+        for t, k in ((A, i), (B, i + 1)):
+            if t.dtype not in (torch.float32, torch.float64):
+                raise ValueError(
+                    f"parameter {k} is {t.dtype}; Riemannion keeps the adapter factors in float32 (or float64). "
+                    f"Cast the base model to bf16/fp16 before inject_adapters, or call .float() on the adapters"
+                )
         (m, r), n = A.shape, B.shape[0]
         if r < 1 or r > min(m, n):
             raise ValueError(f"Invalid rank {r} for parameters {i}/{i + 1}: must be in [1, min(m, n) = {min(m, n)}]")

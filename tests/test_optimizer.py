@@ -286,3 +286,10 @@ def test_bad_rank_and_pairing():
         Riemannion(params[:-1])
     with pytest.raises(ValueError, match="orthonormal"):
         Riemannion([params[1], params[0]])  # (B, A): wrong order
+
+
+def test_low_precision_adapter_factors_are_rejected_with_advice():
+    model = _multi_layer_model()
+    model.to(torch.bfloat16)  # casts the adapter factors too: the maths would lose orthonormality
+    with pytest.raises(ValueError, match="before inject_adapters"):
+        Riemannion(adapter_parameters(model))
