@@ -27,7 +27,12 @@ import torch
 from torch import Tensor, nn
 
 
-__all__ = ["RiemannLinear", "validate_rank"]
+__all__ = ["RiemannLinear", "delta_factors", "validate_rank"]
+
+
+def delta_factors(A_L: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Tensor, Tensor]:
+    """(up: (m, 2r), down: (n, 2r)) with ``up @ down.T = A_L Bᵀ − A0 B0ᵀ = X − X0``."""
+    return torch.cat([A_L, A0], -1), torch.cat([B, -B0], -1)
 
 
 def validate_rank(rank: int, out_features: int, in_features: int, name: str = "layer") -> int:
@@ -153,8 +158,7 @@ class RiemannLinear(nn.Module):
 
     def delta_factors(self) -> tuple[Tensor, Tensor]:
         """Factors (up: (m, 2r), down: (n, 2r)) with ``up @ down.T = X − X0``."""
-        A_L, B = self.factors()
-        return torch.cat([A_L, self.lora_A0], -1), torch.cat([B, -self.lora_B0], -1)
+        return delta_factors(*self.factors(), self.lora_A0, self.lora_B0)
 
     def delta_weight(self) -> Tensor:
         """The dense update ``X − X0`` (m×n, fp32): exactly what export writes."""

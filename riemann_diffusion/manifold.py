@@ -169,8 +169,7 @@ def _svd_in_bases(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``(Q_L K_L)(Q_R K_R)ᵀ`` with orthonormal Q_L (..., m, p), Q_R (..., n, q).
 
-    Q_L and Q_R come as pairs of blocks (their concatenation is the basis).
-
+    Q_L and Q_R come as pairs of blocks (their concatenation is the basis);
     K_L: (..., p, k), K_R: (..., q, k). Only the p×q core is decomposed.
     Returns (U (..., m, t), S (..., t), V (..., n, t)), t = rank or min(p, q).
     """

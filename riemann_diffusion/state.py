@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .injection import iter_adapters
+from .layer import delta_factors
 
 __all__ = ["FIELDS", "METADATA_KEY", "adapter_state", "load_adapter_state_into", "delta_factors_from_state",
            "encode_metadata", "decode_metadata"]
@@ -69,7 +70,7 @@ def delta_factors_from_state(state: Mapping[str, Tensor]) -> dict[str, tuple[Ten
             A, B, A0, B0 = (state[f"{layer}.{f}"].float() for f in FIELDS)
         except KeyError as exc:
             raise KeyError(f"adapter state for {layer!r} lacks {exc.args[0]!r}") from None
-        out[layer] = (torch.cat([A, A0], -1), torch.cat([B, -B0], -1))
+        out[layer] = delta_factors(A, B, A0, B0)
     return out
 
 
